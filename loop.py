@@ -114,6 +114,35 @@ def spec_layers(spec):
     return e + L + d
 
 
+_REPEAT = re.compile(r"^\s*repeat\(\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*\)\s*$")
+
+
+def plan_from_spec(spec, n_layer):
+    """Any plan a config or command line can name, for a model with n_layer unique layers:
+    '' (default range), 'loop(4x3)' / 'loop(2-2x4-2)', 'repeat(start,size,repeats)' (PAPER §2.9, §2.12), or an
+    explicit comma list '0,1,2,1,2,3'."""
+    from model import check_plan
+    if spec in (None, "", "none", "default"):
+        return list(range(n_layer))
+    if isinstance(spec, (list, tuple)):
+        return check_plan(spec, n_layer)
+    s = str(spec).strip()
+    m = _REPEAT.match(s)
+    if m:
+        return repeat_plan(n_layer, *map(int, m.groups()))
+    if s.lower().startswith("loop"):
+        need = spec_layers(s.lower())
+        if need != n_layer:
+            raise ValueError(f"plan spec {spec!r} needs {need} unique layers but the model has n_layer={n_layer}; "
+                             f"set n_layer={need}")
+        return spec_plan(s.lower())
+    try:
+        return check_plan([int(t) for t in s.split(",")], n_layer)
+    except ValueError as e:
+        raise ValueError(f"plan {spec!r} not understood ({e}); use '', 'loop(LxK)', 'loop(E-LxK-D)', "
+                         f"'repeat(start,size,repeats)' or a comma list of layer indices") from None
+
+
 def describe(plan):
     """A short human name for a plan: 'Loop(2-2×4-2)', 'Loop(4×3)', 'plain(8)' or the raw list."""
     n = max(plan) + 1
@@ -169,12 +198,11 @@ def main():
         print(f"spec {args.spec}: plan {plan} ({describe(plan)}), {spec_layers(args.spec)} unique layers, "
               f"{len(plan)} effective")
         return
-    from model import load_checkpoint, check_plan
+    from model import load_checkpoint
     model, ckpt = load_checkpoint(args.ckpt)
     plan = model.plan
     if args.plan:
-        plan = (spec_plan(args.plan) if "(" in args.plan
-                else check_plan([int(t) for t in args.plan.split(",")], model.config.n_layer))
+        plan = plan_from_spec(args.plan, model.config.n_layer)
     c = model.config
     print(f"checkpoint      {args.ckpt}" + (f" (step {ckpt['step']})" if "step" in ckpt else ""))
     print(f"plan            {plan}  ({describe(plan)})")

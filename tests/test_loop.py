@@ -7,7 +7,7 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-from loop import (describe, enc_loop_dec_plan, loop_plan, parse_spec, repeat_plan, reverse_plan, sample_loops,
+from loop import (describe, plan_from_spec, enc_loop_dec_plan, loop_plan, parse_spec, repeat_plan, reverse_plan, sample_loops,
                   skip_plan, spec_plan, swap_plan, train_plan)
 
 
@@ -71,3 +71,14 @@ def test_cli_help_and_spec():
     assert out.returncode == 0 and "--ckpt" in out.stdout
     out = subprocess.run([sys.executable, str(ROOT / "loop.py"), "--spec", "loop(2-2x4-2)"], capture_output=True, text=True)
     assert "Loop(2-2×4-2)" in out.stdout and "6 unique" in out.stdout
+
+
+def test_plan_from_spec():
+    assert plan_from_spec("", 4) == [0, 1, 2, 3]
+    assert plan_from_spec("repeat(2,2,1)", 8) == repeat_plan(8, 2, 2, 1)
+    assert plan_from_spec("loop(2-2x4-2)", 6) == enc_loop_dec_plan(2, 2, 4, 2)
+    assert plan_from_spec("0,1,1,2", 3) == [0, 1, 1, 2]
+    with pytest.raises(ValueError, match="set n_layer=6"):
+        plan_from_spec("loop(2-2x4-2)", 8)
+    with pytest.raises(ValueError, match="not understood"):
+        plan_from_spec("spiral", 8)
