@@ -298,7 +298,12 @@ class GPT(nn.Module):
         Its default forward equals this model run with plan=order: growing (MIDAS/LIDAS) materializes a loop."""
         order = check_plan(order, self.config.n_layer)
         cfg = GPTConfig(**{**asdict(self.config), "n_layer": len(order), "plan": None})
-        new = GPT(cfg).to(self.embed_tokens.weight.device)
+        ref = self.embed_tokens.weight
+        with torch.device("meta"):  # no random init of weights that are overwritten below (matters at 1.7B)
+            new = GPT(cfg)
+        new = new.to_empty(device=ref.device).to(ref.dtype)
+        cos, sin = rope_tables(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_theta, device=ref.device)
+        new.rope_cos, new.rope_sin = cos, sin
         new.embed_tokens.load_state_dict(self.embed_tokens.state_dict())
         new.norm.load_state_dict(self.norm.state_dict())
         for i, src in enumerate(order):
