@@ -79,8 +79,7 @@ def val_nll(run, arm):
 
 def probe_models(run):
     d = load(run / "probe" / "probe.json") or {}
-    return {str(k).split("/")[0] if "/" in str(k) else Path(str(k)).parent.name: v
-            for k, v in d.get("models", {}).items()}, d
+    return {Path(str(k)).parent.name: v for k, v in d.get("models", {}).items()}, d
 
 
 def pget(d, *keys):

@@ -36,11 +36,11 @@ PRESETS = {
     "micro": dict(
         note="test-suite scale: seconds per stage; numbers are meaningless",
         seeds=[0], L=4, b=2, mid="loop(1-1x2-1)", primitives_docs=400,
-        train=dict(n_embd=32, n_head=2, n_kv_head=2, mlp_hidden=64, block_size=256, max_steps=12,
-                   batch_tokens=1024, micro_batch=4, lr=3e-3, warmup_steps=2, eval_interval=6, ckpt_interval=6,
+        train=dict(n_embd=32, n_head=2, n_kv_head=2, mlp_hidden=64, block_size=320, max_steps=12,
+                   batch_tokens=1280, micro_batch=4, lr=3e-3, warmup_steps=2, eval_interval=6, ckpt_interval=6,
                    val_batches=1, dtype="float32"),
         n=12, shots=1, tasks="copy_random,va_basic_d0", sweep_tasks="va_basic_d0", shots_list="0,1",
-        sft_sizes="8", sft_seeds="0", sft_steps=2, probe_n=4, lens_steps=5, probes="all"),
+        sft_sizes="8", sft_seeds="0", sft_steps=2, probe_n=4, lens_steps=5, probes="all", nll_windows=4),
     "quick": dict(
         note="smoke scale: one seed, ~1M training tokens per arm; read the verdicts as a demonstration of the "
              "pipeline, not as evidence",
@@ -49,8 +49,8 @@ PRESETS = {
                    batch_tokens=16384, micro_batch=8, lr=3e-3, warmup_steps=8, eval_interval=30, ckpt_interval=10,
                    val_batches=2),
         n=100, shots=5, tasks="copy_random,copy_real,va_basic_d0,va_math_d0,va_code_d0,va_basic_d1,va_code_d2",
-        sweep_tasks="copy_real,va_basic_d0", shots_list="0,1,2,4,8", sft_sizes="64,128", sft_seeds="0",
-        sft_steps=0, probe_n=16, lens_steps=100, probes="all"),
+        sweep_tasks="copy_real,va_basic_d0", shots_list="1,2,4,8", probe_tasks="va_math_d0,copy_real", threads=2, sft_sizes="64,128", sft_seeds="0",
+        sft_steps=0, probe_n=16, lens_steps=100, probes="all", nll_windows=32),
     "tiny": dict(
         note="CPU replication: three seeds, ~6M training tokens per arm",
         seeds=[0, 1, 2], L=8, b=2, mid="loop(2-2x2-2)", primitives_docs=100000,
@@ -58,8 +58,8 @@ PRESETS = {
                    batch_tokens=16384, micro_batch=8, lr=3e-3, warmup_steps=30, eval_interval=60, ckpt_interval=20,
                    val_batches=4),
         n=300, shots=5, tasks="all", sweep_tasks="copy_random,copy_real,va_basic_d0,va_math_d0",
-        shots_list="0,1,2,4,8,12", sft_sizes="64,128,256,512", sft_seeds="0,1,2", sft_steps=0, probe_n=48,
-        lens_steps=300, probes="all"),
+        shots_list="1,2,4,8,12", probe_tasks="va_math_d0,copy_real", threads=2, sft_sizes="64,128,256,512", sft_seeds="0,1,2", sft_steps=0, probe_n=48,
+        lens_steps=300, probes="all", nll_windows=64),
 }
 # the pretraining mixture mirrors the paper's proportions in spirit (PAPER §2.2: 6% math); the math-heavy cooldown
 # raises the math share to 20% (§2.11)
@@ -137,7 +137,7 @@ def stages(preset, p, out, data_dir):
         st.append((f"eval/{seed}/primitives", [PY, "eval.py", *all_ck, "--mode", "primitives", "--tasks", p["tasks"],
                                                "--shots", str(p["shots"]), "--n", str(p["n"]), "--out", str(ev)], None))
         st.append((f"eval/{seed}/nll", [PY, "eval.py", *all_ck, "--mode", "nll", "--data_dir", data_dir,
-                                        "--out", str(ev)], None))
+                                        "--n", str(p["nll_windows"]), "--out", str(ev)], None))
         grown = [x for a in ("base", "midas", "lidas") for x in ("--ckpt", ck(a))]
         st.append((f"eval/{seed}/loopsweep", [PY, "eval.py", *grown, "--mode", "loopsweep", "--tasks",
                                               p["sweep_tasks"], "--block", str(b), "--shots", str(p["shots"]),
@@ -157,6 +157,7 @@ def stages(preset, p, out, data_dir):
                                                "--mode", "sft", "--untie", "--out", str(ev / "untied")] + sft, None))
         st.append((f"probe/{seed}", [PY, "probe.py", *adapt, "--probes", p["probes"], "--block", str(b),
                                      "--n_prompts", str(p["probe_n"]), "--lens_steps", str(p["lens_steps"]),
+                                     "--tasks", p["probe_tasks"], "--shots", str(p["shots"]),
                                      "--data_dir", data_dir, "--out", str(run / "probe")], None))
     st.append(("report", [PY, "report.py", "--preset", preset, "--out", str(out)], out / "REPORT.md"))
     return st
@@ -218,7 +219,8 @@ def main(argv=None):
         with open(log, "a") as f:
             f.write(f"\n$ {shlex.join(cmd)}\n")
             f.flush()
-            res = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(p["threads"])}
+            res = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
         if res.returncode != 0:
             tail = "".join(log.read_text().splitlines(True)[-15:])
             raise SystemExit(f"error: stage {name} failed (exit {res.returncode}); log {log}:\n{tail}\n"
