@@ -42,15 +42,16 @@ PRESETS = {
         n=12, shots=1, tasks="copy_random,va_basic_d0", sweep_tasks="va_basic_d0", shots_list="0,1",
         sft_sizes="8", sft_seeds="0", sft_steps=2, probe_n=4, lens_steps=5, probes="all", nll_windows=4),
     "quick": dict(
-        note="smoke scale: one seed, ~1M training tokens per arm; read the verdicts as a demonstration of the "
-             "pipeline, not as evidence",
+        note="smoke scale: one seed, ~0.8M training tokens per arm, 512-byte context (the 5-shot tasks that fit); "
+             "read the verdicts as a demonstration of the pipeline, not as evidence",
         seeds=[0], L=8, b=2, mid="loop(2-2x2-2)", primitives_docs=100000,
-        train=dict(n_embd=128, n_head=4, n_kv_head=4, mlp_hidden=384, block_size=1024, max_steps=60,
-                   batch_tokens=16384, micro_batch=8, lr=3e-3, warmup_steps=8, eval_interval=30, ckpt_interval=10,
+        train=dict(n_embd=128, n_head=4, n_kv_head=4, mlp_hidden=384, block_size=512, max_steps=48,
+                   batch_tokens=16384, micro_batch=8, lr=3e-3, warmup_steps=6, eval_interval=24, ckpt_interval=8,
                    val_batches=2),
-        n=100, shots=5, tasks="copy_random,copy_real,va_basic_d0,va_math_d0,va_code_d0,va_basic_d1,va_code_d2",
-        sweep_tasks="copy_real,va_basic_d0", shots_list="1,2,4,8", probe_tasks="va_math_d0,copy_real", threads=2, sft_sizes="64,128", sft_seeds="0",
-        sft_steps=0, probe_n=16, lens_steps=100, probes="all", nll_windows=32),
+        n=100, shots=5, tasks="copy_random,va_basic_d0,va_basic_d1,va_basic_d2,va_math_d0",
+        sweep_tasks="copy_random,va_basic_d0", shots_list="1,2,3,5", probe_tasks="va_math_d0,copy_random",
+        threads=2, sft_sizes="64,128", sft_seeds="0", sft_steps=0, probe_n=16, lens_steps=100, probes="all",
+        nll_windows=32),
     "tiny": dict(
         note="CPU replication: three seeds, ~6M training tokens per arm",
         seeds=[0, 1, 2], L=8, b=2, mid="loop(2-2x2-2)", primitives_docs=100000,
