@@ -263,6 +263,13 @@ class GPT(nn.Module):
         plan = self.plan if plan is None else check_plan(plan, self.config.n_layer)
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+        compiled, self._compiled = self._compiled, None  # decode eagerly: every new length would recompile
+        try:
+            return self._generate(idx, max_new_tokens, temperature, top_k, plan, use_cache, eos)
+        finally:
+            self._compiled = compiled
+
+    def _generate(self, idx, max_new_tokens, temperature, top_k, plan, use_cache, eos):
         cache, fed = None, 0
         for _ in range(max_new_tokens):
             ctx = idx[:, -self.config.block_size:]

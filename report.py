@@ -171,7 +171,7 @@ def effect_row(num, name, paper, per_seed, ref=None, se=0.0, sign=+1, pct=False,
 
 def findings(runs, p):
     R = []
-    b, L = p["b"], p["L"]
+    b = p["b"]
     # 1. compute saving at equal NLL
     ratios = [summary(r, "lidas").get("flops_ratio") for r in runs]
     dn = [((val_nll(r, "lidas") or 0) - (val_nll(r, "base") or 0)) / val_nll(r, "base") if val_nll(r, "base") else None

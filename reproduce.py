@@ -39,8 +39,9 @@ PRESETS = {
         train=dict(n_embd=32, n_head=2, n_kv_head=2, mlp_hidden=64, block_size=320, max_steps=12,
                    batch_tokens=1280, micro_batch=4, lr=3e-3, warmup_steps=2, eval_interval=6, ckpt_interval=6,
                    val_batches=1, dtype="float32"),
-        n=12, shots=1, tasks="copy_random,va_basic_d0", sweep_tasks="va_basic_d0", shots_list="0,1",
-        sft_sizes="8", sft_seeds="0", sft_steps=2, probe_n=4, lens_steps=5, probes="all", nll_windows=4),
+        n=8, shots=1, tasks="copy_random,va_basic_d0", sweep_tasks="va_basic_d0", sweep_n=6, shots_list="1,2",
+        probe_tasks="va_basic_d0", threads=1, sft_sizes="8", sft_seeds="0", sft_steps=2, probe_n=3, lens_steps=5,
+        probes="all", nll_windows=4),
     "quick": dict(
         note="smoke scale: one seed, ~0.8M training tokens per arm, 512-byte context (the 5-shot tasks that fit); "
              "read the verdicts as a demonstration of the pipeline, not as evidence",
@@ -49,8 +50,8 @@ PRESETS = {
                    batch_tokens=16384, micro_batch=8, lr=3e-3, warmup_steps=6, eval_interval=24, ckpt_interval=8,
                    val_batches=2),
         n=100, shots=5, tasks="copy_random,va_basic_d0,va_basic_d1,va_basic_d2,va_math_d0",
-        sweep_tasks="copy_random,va_basic_d0", shots_list="1,2,3,5", probe_tasks="va_math_d0,copy_random",
-        threads=2, sft_sizes="64,128", sft_seeds="0", sft_steps=0, probe_n=16, lens_steps=100, probes="all",
+        sweep_tasks="copy_random", sweep_n=60, shots_list="1,2,3,5", probe_tasks="va_math_d0,copy_random",
+        threads=2, sft_sizes="64", sft_seeds="0", sft_steps=0, probe_n=16, lens_steps=100, probes="all",
         nll_windows=32),
     "tiny": dict(
         note="CPU replication: three seeds, ~6M training tokens per arm",
@@ -58,7 +59,7 @@ PRESETS = {
         train=dict(n_embd=128, n_head=4, n_kv_head=4, mlp_hidden=384, block_size=1024, max_steps=360,
                    batch_tokens=16384, micro_batch=8, lr=3e-3, warmup_steps=30, eval_interval=60, ckpt_interval=20,
                    val_batches=4),
-        n=300, shots=5, tasks="all", sweep_tasks="copy_random,copy_real,va_basic_d0,va_math_d0",
+        n=300, shots=5, tasks="all", sweep_tasks="copy_random,copy_real,va_basic_d0,va_math_d0", sweep_n=200,
         shots_list="1,2,4,8,12", probe_tasks="va_math_d0,copy_real", threads=2, sft_sizes="64,128,256,512", sft_seeds="0,1,2", sft_steps=0, probe_n=48,
         lens_steps=300, probes="all", nll_windows=64),
 }
@@ -142,14 +143,14 @@ def stages(preset, p, out, data_dir):
         grown = [x for a in ("base", "midas", "lidas") for x in ("--ckpt", ck(a))]
         st.append((f"eval/{seed}/loopsweep", [PY, "eval.py", *grown, "--mode", "loopsweep", "--tasks",
                                               p["sweep_tasks"], "--block", str(b), "--shots", str(p["shots"]),
-                                              "--n", str(p["n"]), "--out", str(ev / "sweep")], None))
+                                              "--n", str(p["sweep_n"]), "--out", str(ev / "sweep")], None))
         retro = [x for a in ("base_math", "base_math_loop", "lidas_math", "lidas_math_loop") for x in ("--ckpt", ck(a))]
         st.append((f"eval/{seed}/retro", [PY, "eval.py", *retro, "--mode", "loopsweep", "--tasks", p["sweep_tasks"],
                                           "--block", str(b), "--block_start", str(middle_block(L, b)), "--shots",
-                                          str(p["shots"]), "--n", str(p["n"]), "--out", str(ev / "retro")], None))
+                                          str(p["shots"]), "--n", str(p["sweep_n"]), "--out", str(ev / "retro")], None))
         adapt = [x for a in ("base", "midas", "lidas", "loop_full", "loop_mid") for x in ("--ckpt", ck(a))]
         st.append((f"eval/{seed}/shots", [PY, "eval.py", *adapt, "--mode", "shots", "--tasks", p["sweep_tasks"],
-                                          "--shots", p["shots_list"], "--n", str(p["n"]), "--out", str(ev)], None))
+                                          "--shots", p["shots_list"], "--n", str(p["sweep_n"]), "--out", str(ev)], None))
         sft = ["--sft_sizes", p["sft_sizes"], "--seeds", p["sft_seeds"], "--n", str(p["n"])]
         if p["sft_steps"]:
             sft += ["--sft_steps", str(p["sft_steps"])]

@@ -15,15 +15,6 @@ from model import GPT, GPTConfig, save_checkpoint
 ENC = get_tokenizer("byte")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models are overhead-bound: on a shared 2-core machine two threads spin and run ~10x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(n_layer=2, plan=None, block=1100, seed=0, init_std=0.02):
     torch.manual_seed(seed)
     cfg = GPTConfig(n_layer=n_layer, n_embd=32, n_head=2, n_kv_head=1, mlp_hidden=64, block_size=block, plan=plan,

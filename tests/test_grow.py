@@ -11,15 +11,6 @@ from grow import growth_boundaries, lidas_order, midas_order, prop_schedule
 from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # these models are tiny: one thread is fastest, and the 2 CPUs are shared with other test runs
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(n_layer=8, **kw):
     torch.manual_seed(0)
     cfg = dict(vocab_size=50, block_size=16, n_layer=n_layer, n_head=4, n_kv_head=2, n_embd=32, mlp_hidden=64)

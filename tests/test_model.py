@@ -81,7 +81,6 @@ def test_trace_records_and_edits():
 
 def test_flops_hand_count_and_looped_cost():
     m = tiny()
-    c = m.config
     T, d, hd = 64, 32, 8
     attn = 2 * (d * 4 * hd * 2 + d * 2 * hd * 2)           # q, o: d x 32 ; k, v: d x 16 (2 kv heads)
     mlp = 2 * 3 * d * 48

@@ -13,15 +13,6 @@ from model import GPT, GPTConfig, save_checkpoint
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models gain nothing from threads, and on a loaded 2-core machine two OpenMP threads are ~5x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(n_layer=6, plan=None, seed=0, **kw):
     torch.manual_seed(seed)
     cfg = dict(vocab_size=257, block_size=64, n_layer=n_layer, n_head=2, n_kv_head=2, n_embd=32, mlp_hidden=64,

@@ -19,15 +19,6 @@ ROOT = Path(__file__).resolve().parent.parent
 MICRO = str(ROOT / "config" / "micro.py")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # micro models gain nothing from a second thread, and the 2 cores are shared with other jobs
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """Byte-tokenized 'primitives' (synthetic primitives documents) and 'sotu' (this repo's prose and code)."""
