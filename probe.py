@@ -691,6 +691,8 @@ def make_figures(results, out):
                         drawn = True
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("plan step")
+            if title.startswith("||"):  # step 0 reads the bare embedding, so its ratio dwarfs the rest
+                ax.set_yscale("log")
         if drawn:
             axes[0][0].legend(fontsize=7)
             save(fig, fname)
