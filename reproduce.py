@@ -50,8 +50,8 @@ PRESETS = {
                    batch_tokens=16384, micro_batch=8, lr=3e-3, warmup_steps=6, eval_interval=24, ckpt_interval=8,
                    val_batches=2),
         n=100, shots=5, tasks="copy_random,va_basic_d0,va_basic_d1,va_basic_d2,va_math_d0",
-        sweep_tasks="copy_random", sweep_n=60, shots_list="1,2,3,5", probe_tasks="va_math_d0,copy_random",
-        threads=2, sft_sizes="64", sft_seeds="0", sft_steps=0, probe_n=16, lens_steps=100, probes="all",
+        sweep_tasks="copy_random", sweep_n=40, shots_list="1,2,3,5", probe_tasks="va_math_d0,copy_random",
+        threads=2, sft_sizes="64", sft_seeds="0", sft_steps=0, probe_n=8, lens_steps=100, probes="all",
         nll_windows=32),
     "tiny": dict(
         note="CPU replication: three seeds, ~6M training tokens per arm",
