@@ -54,14 +54,14 @@ PRESETS = {
         threads=2, sft_sizes="64", sft_seeds="0", sft_steps=0, probe_n=8, lens_steps=100, probes="all",
         nll_windows=32),
     "tiny": dict(
-        note="CPU replication: three seeds, ~6M training tokens per arm",
+        note="CPU replication: three seeds, ~3.9M training tokens per arm, 1024-byte context (every 5-shot task fits)",
         seeds=[0, 1, 2], L=8, b=2, mid="loop(2-2x2-2)", primitives_docs=100000,
-        train=dict(n_embd=128, n_head=4, n_kv_head=4, mlp_hidden=384, block_size=1024, max_steps=360,
-                   batch_tokens=16384, micro_batch=8, lr=3e-3, warmup_steps=30, eval_interval=60, ckpt_interval=20,
+        train=dict(n_embd=128, n_head=4, n_kv_head=4, mlp_hidden=384, block_size=1024, max_steps=240,
+                   batch_tokens=16384, micro_batch=8, lr=3e-3, warmup_steps=20, eval_interval=60, ckpt_interval=20,
                    val_batches=4),
-        n=300, shots=5, tasks="all", sweep_tasks="copy_random,copy_real,va_basic_d0,va_math_d0", sweep_n=200,
-        shots_list="1,2,4,8,12", probe_tasks="va_math_d0,copy_real", threads=2, sft_sizes="64,128,256,512", sft_seeds="0,1,2", sft_steps=0, probe_n=48,
-        lens_steps=300, probes="all", nll_windows=64),
+        n=100, shots=5, tasks="all", sweep_tasks="copy_real,va_basic_d0", sweep_n=60, shots_list="1,2,4,8",
+        probe_tasks="va_math_d0,copy_real", threads=2, sft_sizes="64,128,256,512", sft_seeds="0", sft_steps=0,
+        probe_n=16, lens_steps=200, probes="all", nll_windows=64),
 }
 # the pretraining mixture mirrors the paper's proportions in spirit (PAPER §2.2: 6% math); the math-heavy cooldown
 # raises the math share to 20% (§2.11)
