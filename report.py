@@ -18,6 +18,7 @@ import statistics
 import subprocess
 from pathlib import Path
 
+from probe import _get as pget  # nested-dict lookup that returns None for a missing level
 from reproduce import PRESETS, arms, middle_block
 
 ARM_NAMES = {"base": "Baseline", "midas": "MIDAS", "lidas": "LIDAS", "loop_full": "Loop(b×L/b)",
@@ -80,12 +81,6 @@ def val_nll(run, arm):
 def probe_models(run):
     d = load(run / "probe" / "probe.json") or {}
     return {Path(str(k)).parent.name: v for k, v in d.get("models", {}).items()}, d
-
-
-def pget(d, *keys):
-    for k in keys:
-        d = d.get(k) if isinstance(d, dict) else None
-    return d
 
 
 def first_set(e):
